@@ -378,7 +378,7 @@ class ZipfPatterns(Workload):
                     "frontier_k": evaluated["frontier_k"],
                 }
                 if params.is_moe:
-                    metrics["aux_loss"] = float(aux_loss)
+                    metrics["aux_loss"] = float(aux_loss.detach())
                 ctx.report(step, metrics)
 
                 now_s = time.perf_counter()
