@@ -15,8 +15,15 @@ CONFIGS = {
         d_model=64, num_layers=3, num_heads=2, d_ff=160, activation="swiglu", tie_embeddings=False
     ),
     "moe-top2-shared-fine": TransformerConfig(
-        d_model=64, num_layers=2, num_heads=4, d_ff=256, num_experts=8, top_k=2,
-        granularity=2, num_shared_experts=1, activation="swiglu",
+        d_model=64,
+        num_layers=2,
+        num_heads=4,
+        d_ff=256,
+        num_experts=8,
+        top_k=2,
+        granularity=2,
+        num_shared_experts=1,
+        activation="swiglu",
     ),
 }
 
@@ -33,8 +40,14 @@ def test_count_params_total_matches_the_module(backend: str) -> None:
 
 def test_active_params_of_a_top2_model_by_hand() -> None:
     config = TransformerConfig(
-        vocab_size=100, d_model=32, num_layers=3, num_heads=4, d_ff=64,
-        num_experts=4, top_k=2, tie_embeddings=False,
+        vocab_size=100,
+        d_model=32,
+        num_layers=3,
+        num_heads=4,
+        d_ff=64,
+        num_experts=4,
+        top_k=2,
+        tie_embeddings=False,
     )
     per_layer = 4 * 32 * 32 + 2 * 32 + 32 * 4 + 2 * (2 * 32 * 64)  # attn, norms, router, 2 experts
     hand = 2 * 100 * 32 + 32 + 3 * per_layer

@@ -50,7 +50,9 @@ def _moe_class() -> type:
     class _MoE(MoE):
         """DeepSpeed's MoE whose process groups may be set up before the engine asks."""
 
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        def set_deepspeed_parallelism(
+            self, use_data_before_expert_parallel_: bool = False
+        ) -> None:
             if self.deepspeed_moe.ep_group is None:
                 super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
 

@@ -32,16 +32,18 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM runs here: float32 on CPU; on CUDA bfloat16 on
-    compute capability >= 8.0 with rows of 16-byte multiples (the kernel's alignment)."""
-    if not hasattr(F, "grouped_mm"):
+    """Whether torch's grouped GEMM runs here: float32 on CPU, bfloat16 on CUDA compute
+    capability >= 8.0, and every row a multiple of 16 bytes (the kernels' alignment)."""
+    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
+        return False
+    row_sizes = (x.shape[-1], *w.shape[1:])
+    if any(size * x.element_size() % 16 for size in row_sizes):
         return False
     if x.device.type == "cpu":
-        return x.dtype == torch.float32 and w.dtype == torch.float32
+        return x.dtype == torch.float32
     if x.device.type == "cuda":
-        aligned = all(size % 8 == 0 for size in w.shape[1:])
         capable = torch.cuda.get_device_capability(x.device) >= (8, 0)
-        return x.dtype == w.dtype == torch.bfloat16 and aligned and capable
+        return x.dtype == torch.bfloat16 and capable
     return False
 
 
@@ -49,7 +51,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     """Rows of ``x`` in consecutive groups of ``counts[e]`` times ``w[e]`` (``E, K, N``)."""
     if grouped_mm_supported(x, w):
         offsets = counts.cumsum(0).to(torch.int32)
-        return F.grouped_mm(_ContiguousGrad.apply(x), w, offs=offsets)
+        return _ContiguousGrad.apply(F.grouped_mm(x, w, offs=offsets))
 
     # Fallback: one matmul per expert. It needs the counts on the host (one sync).
     chunks = x.split(counts.tolist())
@@ -105,11 +107,17 @@ class TorchExperts(ExpertBackend):
         return grouped_matmul(hidden, self.w_out.to(x.dtype), counts)
 
     def _drop_over_capacity(
-        self, order: torch.Tensor, flat_experts: torch.Tensor, counts: torch.Tensor, num_tokens: int
+        self,
+        order: torch.Tensor,
+        flat_experts: torch.Tensor,
+        counts: torch.Tensor,
+        num_tokens: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep each expert's first ``capacity`` routes in token order; drop the rest."""
         config = self.config
-        capacity = math.ceil(config.capacity_factor * num_tokens * config.top_k / config.num_experts)
+        capacity = math.ceil(
+            config.capacity_factor * num_tokens * config.top_k / config.num_experts
+        )
         starts = counts.cumsum(0) - counts
         sorted_experts = flat_experts[order]
         position = torch.arange(order.numel(), device=order.device) - starts[sorted_experts]
