@@ -207,6 +207,9 @@ class MoEMLP(nn.Module):
         slot_example = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)
         slot_gate = gate.reshape(-1, 1)
         out = x.new_zeros(x.shape[0], self.num_classes)
+        # TODO: experts run one after another; with many experts a grouped matmul over
+        # stacked weights would be faster. Kept simple because this workload's experts are
+        # small MLPs and the loop is easy to check against the parameter count.
         for e, expert in enumerate(self.experts):
             # An expert with no examples still runs on an empty batch, so its parameters
             # get zero gradients instead of none (DeepSpeed and DDP expect all of them).
@@ -239,7 +242,11 @@ def count_params(params: ZipfPatternsParams) -> tuple[int, int]:
 def per_pattern_eval(
     forward: nn.Module, task: PatternTask, input_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross entropy (nats) and 0/1 correctness of every pattern, in rank order, on CPU."""
+    """Cross entropy (nats) and 0/1 correctness of every pattern, in rank order, on CPU.
+
+    NOTE: every rank evaluates all K keys, repeating rank 0's work; sharding the keys
+    would need a gather, and evaluation is a small share of a trial's time.
+    """
     ce_chunks, correct_chunks = [], []
     for start in range(0, task.keys.shape[0], _EVAL_CHUNK):
         keys = task.keys[start : start + _EVAL_CHUNK].to(input_dtype)
@@ -350,8 +357,6 @@ class ZipfPatterns(Workload):
 
         # Each rank draws its own minibatches, so the global batch is batch_size * ranks.
         batch_gen = _generator(params.seed, _STREAM_MINIBATCH, ctx.rank)
-        examples_per_step = params.batch_size * ctx.world_size
-        _, params_active = count_params(params)
         loss_sum = torch.zeros((), device=ctx.device)
         steps_since_report, last_time_s = 0, time.perf_counter()
 
@@ -364,40 +369,74 @@ class ZipfPatterns(Workload):
             loss_sum += loss.detach()
             steps_since_report += 1
 
+            # NOTE: a NaN is caught only here, up to eval_every steps late: checking every
+            # step would force a device sync per step, which costs more than the late stop.
             if step % params.eval_every == 0 or step == params.steps:
-                examples = step * examples_per_step
                 ce, correct = per_pattern_eval(trainer.model, task, input_dtype)
-                evaluated = frontier_metrics(ce, correct, task.probs, params.learned_threshold)
-                metrics = {
-                    # Mean over the minibatches since the last report, this rank's data.
-                    "loss": float(loss_sum) / steps_since_report,
-                    "tokens": float(examples),
-                    "flops": 6.0 * params_active * examples,
-                    "eval_loss": evaluated["loss"],
-                    "accuracy": evaluated["accuracy"],
-                    "frontier_k": evaluated["frontier_k"],
-                }
-                if params.is_moe:
-                    metrics["aux_loss"] = float(aux_loss.detach())
-                ctx.report(step, metrics)
-
+                train_loss = float(loss_sum) / steps_since_report
                 now_s = time.perf_counter()
-                if ctx.is_main:
-                    rate = steps_since_report * examples_per_step / max(now_s - last_time_s, 1e-9)
-                    ctx.logger.info(
-                        "step %d/%d | loss %.4f | eval_loss %.4f | acc %.3f | k* %d | %.0f ex/s",
-                        step,
-                        params.steps,
-                        metrics["loss"],
-                        metrics["eval_loss"],
-                        metrics["accuracy"],
-                        int(metrics["frontier_k"]),
-                        rate,
-                    )
+                self._report(
+                    params,
+                    ctx,
+                    task,
+                    step=step,
+                    train_loss=train_loss,
+                    aux_loss=aux_loss,
+                    ce=ce,
+                    correct=correct,
+                    interval_s=now_s - last_time_s,
+                    interval_steps=steps_since_report,
+                )
                 loss_sum.zero_()
                 steps_since_report, last_time_s = 0, now_s
 
         return self._final_metrics(params, ctx, task, train_idx, ce, correct)
+
+    def _report(
+        self,
+        params: ZipfPatternsParams,
+        ctx: Context,
+        task: PatternTask,
+        *,
+        step: int,
+        train_loss: float,
+        aux_loss: torch.Tensor,
+        ce: torch.Tensor,
+        correct: torch.Tensor,
+        interval_s: float,
+        interval_steps: int,
+    ) -> None:
+        """Report one point of the curves and log one line on the main rank."""
+        examples_per_step = params.batch_size * ctx.world_size
+        examples = step * examples_per_step
+        _, params_active = count_params(params)
+        evaluated = frontier_metrics(ce, correct, task.probs, params.learned_threshold)
+        metrics = {
+            # NOTE: the mean over this rank's minibatches since the last report, not
+            # averaged over ranks: an all-reduce per report would buy only less noise.
+            "loss": train_loss,
+            "tokens": float(examples),
+            "flops": 6.0 * params_active * examples,
+            "eval_loss": evaluated["loss"],
+            "accuracy": evaluated["accuracy"],
+            "frontier_k": evaluated["frontier_k"],
+        }
+        if params.is_moe:
+            metrics["aux_loss"] = float(aux_loss.detach())
+        ctx.report(step, metrics)
+
+        if ctx.is_main:
+            rate = interval_steps * examples_per_step / max(interval_s, 1e-9)
+            ctx.logger.info(
+                "step %d/%d | loss %.4f | eval_loss %.4f | acc %.3f | k* %d | %.0f examples/s",
+                step,
+                params.steps,
+                train_loss,
+                metrics["eval_loss"],
+                metrics["accuracy"],
+                int(metrics["frontier_k"]),
+                rate,
+            )
 
     def _final_metrics(
         self,

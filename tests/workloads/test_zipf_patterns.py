@@ -281,3 +281,58 @@ def test_injected_nan_diverges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(zp, "build_task", poisoned)
     with pytest.raises(TrialDiverged):
         zp.ZipfPatterns().run(tiny(steps=20, eval_every=10), make_ctx(tmp_path))
+
+
+def _distributed_worker(rank: int, port: int, config: dict[str, Any], out_dir: str) -> None:
+    """One of two gloo ranks running the workload through DeepSpeed on the CPU."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    train_losses: list[float] = []
+    ctx = Context(
+        trial_id="test",
+        checkpoint_dir=Path(out_dir),
+        artifact_dir=Path(out_dir),
+        device=torch.device("cpu"),
+        rank=rank,
+        world_size=2,
+        deepspeed_config=config,
+        on_report=lambda step, metrics: train_losses.append(float(metrics["loss"])),
+    )
+    params = tiny(steps=40, eval_every=20, num_workers=2, num_experts=4, top_k=2)
+    metrics = zp.ZipfPatterns().run(params, ctx)
+    torch.save({**metrics, "train_losses": train_losses}, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_deepspeed_on_cpu(tmp_path: Path) -> None:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config_path = Path(__file__).parents[2] / "clusters" / "deepspeed" / "zero1_cpu.json"
+    config = json.loads(config_path.read_text())
+    mp.spawn(_distributed_worker, args=(port, config, str(tmp_path)), nprocs=2)
+
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # Ranks draw different minibatches but hold one synchronized model.
+    assert rank0["loss"] == pytest.approx(rank1["loss"])
+    assert rank0["train_losses"] != rank1["train_losses"]
+    assert rank0["tokens"] == 2 * 40 * TINY["batch_size"]
+    assert rank0["loss"] < math.log(TINY["num_classes"])
