@@ -243,11 +243,21 @@ def init_ray(address: str | None) -> None:
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
 
 
-def check_capacity(trials: Sequence[Trial]) -> None:
-    """Refuse trials no node of the cluster could ever place, before submitting any."""
+def local_node() -> dict[str, float]:
+    """The resources a local Ray started here would have."""
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def live_nodes() -> list[dict[str, float]]:
     import ray
 
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_capacity(trials: Sequence[Trial], nodes: Sequence[dict[str, float]]) -> None:
+    """Refuse trials no node of the cluster could ever place, before submitting any."""
     total = {key: sum(n.get(key, 0.0) for n in nodes) for key in ("CPU", "GPU")}
     for trial in trials:
         need = trial.resources
@@ -364,6 +374,12 @@ def run_study(
     store = ResultsStore(results)
     recorded = store.statuses(spec.name)
     pending, skipped = select_pending(trials, recorded, retry_failed)
+    needs_deepspeed = any(t.resources.workers > 1 for t in pending)
+    deepspeed = resolve_deepspeed_config(spec.deepspeed, spec_dir) if needs_deepspeed else {}
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        check_capacity(pending, [local_node()])
+
     store.write_plan(spec.name, {
         "study": spec.name,
         "workload": spec.workload,
@@ -379,10 +395,9 @@ def run_study(
     if not pending:
         return RunSummary(len(trials), len(skipped), 0, 0, 0, time.perf_counter() - started_s)
 
-    needs_deepspeed = any(t.resources.workers > 1 for t in pending)
-    deepspeed = resolve_deepspeed_config(spec.deepspeed, spec_dir) if needs_deepspeed else {}
     init_ray(address)
-    check_capacity(pending)
+    if not local:
+        check_capacity(pending, live_nodes())
 
     board = ray.remote(num_cpus=0)(_TrialBoard).remote()
     shared = provenance(spec)

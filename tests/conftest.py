@@ -1,0 +1,31 @@
+"""Shared fixtures: a way to run the real `frontier` command, and tiny spec files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_frontier(*args: str, timeout_s: float = 600, env: dict | None = None):
+    """Run `frontier ARGS` as a user would, in a fresh process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True, text=True, timeout=timeout_s, env=full_env, cwd=REPO,
+    )
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path):
+    def write(text: str, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

@@ -1,0 +1,120 @@
+"""End to end through a real local Ray: tasks, a 2-worker DeepSpeed trial, failures, resume."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO, run_frontier
+
+from orchestrator.store import read_curves, read_trials
+
+MIXED_STUDY = """
+name: mixed
+workload: {workload}
+params: {params}
+axes: {{grid: {grid}}}
+include: {include}
+seeds: [0]
+resources: {{workers: 1, cpus_per_worker: 1}}
+deepspeed: zero1_cpu
+"""
+
+
+def test_study_with_failures_divergence_and_deepspeed_pair(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.yaml"
+    probe.write_text(MIXED_STUDY.format(
+        workload="probe",
+        params="{work_s: 0.2, num_steps: 4}",
+        grid="{value: [1.0, 2.0]}",
+        include="[{fail_at_step: 2}, {diverge_at_step: 3}]",
+    ))
+    pair = tmp_path / "pair.yaml"
+    pair.write_text(MIXED_STUDY.format(
+        workload="zipf_patterns",
+        params="{num_patterns: 128, width: 8, num_experts: 2, top_k: 1, steps: 40, "
+               "batch_size: 32, eval_every: 20, num_workers: 2}",
+        grid="{alpha: [1.5]}",
+        include="[]",
+    ).replace("name: mixed", "name: pair"))
+    results = tmp_path / "results"
+
+    first = run_frontier("run", str(probe), "--results", str(results))
+    assert first.returncode == 1, first.stderr  # one trial failed
+    assert "[4/4]" in first.stderr and "failed" in first.stderr
+
+    table = read_trials(results, "mixed")
+    by_status = {}
+    for row in table.to_pylist():
+        by_status.setdefault(row["status"], []).append(row)
+    assert len(by_status["done"]) == 2
+    assert "probe failure requested at step 2" in by_status["failed"][0]["error"]
+    diverged = by_status["diverged"][0]
+    assert diverged["diverged_step"] == 3
+    assert sorted(r["metrics.loss"] for r in by_status["done"]) == [1.0, 2.0]
+    assert all(r["provenance.git_rev"] and r["provenance.started_at"] for r in table.to_pylist())
+    curves = read_curves(results, "mixed")
+    done_ids = {r["trial_id"] for r in by_status["done"]}
+    assert {tid for tid in curves["trial_id"].to_pylist() if tid in done_ids} == done_ids
+
+    # The 2-worker trial: Ray Train TorchTrainer with DeepSpeed on gloo.
+    second = run_frontier("run", str(pair), "--results", str(results))
+    assert second.returncode == 0, second.stderr[-3000:]
+    (pair_row,) = read_trials(results, "pair").to_pylist()
+    assert pair_row["status"] == "done", pair_row["error"]
+    assert pair_row["workers"] == 2
+    assert math.isfinite(pair_row["metrics.loss"])
+    # Both ranks' examples are counted: tokens = steps * batch * world size.
+    assert pair_row["metrics.tokens"] == 40 * 32 * 2
+
+    # A rerun runs nothing; --retry-failed runs only the failed and diverged ones.
+    again = run_frontier("run", str(probe), "--results", str(results))
+    assert again.returncode == 0, again.stderr
+    assert "0 to run" in again.stderr
+    retried = run_frontier("run", str(probe), "--results", str(results), "--retry-failed")
+    assert "2 to run" in retried.stderr
+    assert read_trials(results, "mixed").num_rows == 4
+
+    status = run_frontier("status", "--results", str(results))
+    assert status.returncode == 0
+    lines = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines()[2:]}
+    assert lines["mixed"] == ["2", "1", "1", "0"]
+    assert lines["pair"] == ["1", "0", "0", "0"]
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
+    spec = tmp_path / "slow.yaml"
+    spec.write_text(
+        "name: slow\nworkload: probe\nparams: {work_s: 1.5, num_steps: 3}\n"
+        "axes: {grid: {value: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}}\nseeds: [0]\n"
+    )
+    results = tmp_path / "results"
+    trials_dir = results / "slow" / "trials"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results", str(results)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(trials_dir.glob("*.parquet"))) < 2:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+    survivors = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.parquet")}
+    assert 2 <= len(survivors) < 6, "the kill should land mid-study"
+
+    resumed = run_frontier("run", str(spec), "--results", str(results))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(survivors)} already recorded" in resumed.stderr
+
+    table = read_trials(results, "slow")
+    ids = table["trial_id"].to_pylist()
+    assert len(ids) == 6 and len(set(ids)) == 6
+    assert set(table["status"].to_pylist()) == {"done"}
+    # Trials finished before the kill were neither lost nor run again.
+    for name, mtime_ns in survivors.items():
+        assert (trials_dir / name).stat().st_mtime_ns == mtime_ns
