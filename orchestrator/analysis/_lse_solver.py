@@ -55,31 +55,35 @@ def start_grid(
 def residuals_and_jacobian(
     params: np.ndarray, log_x: np.ndarray, log_loss: np.ndarray, *, jacobian: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Log residuals (rows, n) and their Jacobian (rows, n, 2m+1) for a batch of params."""
-    num_resources = log_x.shape[1]
-    scale = params[:, None, :num_resources]
-    exponent = params[:, None, num_resources : 2 * num_resources]
-    irreducible = params[:, None, 2 * num_resources :]
+    """Log residuals (rows, n) and their Jacobian (2m+1, rows, n) for a batch of params.
 
-    terms = np.empty((len(params), len(log_x), num_resources + 1))
-    np.multiply(exponent, log_x[None, :, :], out=terms[:, :, :num_resources])
-    np.subtract(scale, terms[:, :, :num_resources], out=terms[:, :, :num_resources])
-    terms[:, :, num_resources] = irreducible[:, :, 0]
-    top = terms.max(axis=2, keepdims=True)
-    shares = np.exp(terms - top, out=terms)
-    total = shares.sum(axis=2, keepdims=True)
-    log_pred = (top + np.log(total))[:, :, 0]
-    residual = log_pred - log_loss[None, :]
+    Arrays are laid out term-major, (term, rows, n), so that the log-sum-exp over the few
+    terms is elementwise work on large contiguous blocks rather than a reduction over a
+    short trailing axis, which numpy does slowly.
+    """
+    num_resources = log_x.shape[1]
+    terms = [
+        params[:, k, None] - params[:, num_resources + k, None] * log_x[None, :, k]
+        for k in range(num_resources)
+    ]
+    terms.append(np.broadcast_to(params[:, 2 * num_resources, None], terms[0].shape))
+    top = terms[0].copy()
+    for term in terms[1:]:
+        np.maximum(top, term, out=top)
+    shares = [np.exp(term - top) for term in terms]
+    total = shares[0].copy()
+    for share in shares[1:]:
+        total += share
+    residual = top + np.log(total) - log_loss[None, :]
     if not jacobian:
         return residual, None
 
     # d log_pred / d term_k is the softmax share of term k.
-    shares /= total
-    jac = np.empty((*shares.shape[:2], 2 * num_resources + 1))
-    jac[:, :, :num_resources] = shares[:, :, :num_resources]
-    np.multiply(shares[:, :, :num_resources], log_x[None, :, :], out=jac[:, :, num_resources:-1])
-    np.negative(jac[:, :, num_resources:-1], out=jac[:, :, num_resources:-1])
-    jac[:, :, -1] = shares[:, :, num_resources]
+    jac = np.empty((2 * num_resources + 1, *residual.shape))
+    for k in range(num_resources + 1):
+        np.divide(shares[k], total, out=jac[k if k < num_resources else -1])
+    for k in range(num_resources):
+        np.multiply(jac[k], -log_x[None, :, k], out=jac[num_resources + k])
     return residual, jac
 
 
@@ -118,8 +122,9 @@ def _solve_chunk(
         # IRLS weights turn the Huber loss into a weighted least-squares model.
         size = np.abs(residual)
         irls = w * np.where(size <= delta, 1.0, delta / np.maximum(size, delta))
-        grad = np.einsum("rn,rnp->rp", irls * residual, jac)
-        hess = np.matmul(jac.transpose(0, 2, 1), irls[:, :, None] * jac)
+        grad = np.einsum("rn,prn->rp", irls * residual, jac)
+        jac_rows = jac.transpose(1, 0, 2)
+        hess = np.matmul(jac_rows * irls[:, None, :], jac_rows.transpose(0, 2, 1))
         diag = np.diagonal(hess, axis1=1, axis2=2)
         lam = damping[idx, None, None]
         system = hess + lam * (diag[:, :, None] * eye + 1e-12 * eye)
@@ -197,7 +202,7 @@ def objective_and_gradient(
     residual, jac = residuals_and_jacobian(params[None, :], log_x, log_loss)
     assert jac is not None
     value = float(huber(residual, delta).sum())
-    grad = np.einsum("n,np->p", np.clip(residual[0], -delta, delta), jac[0])
+    grad = jac[:, 0, :] @ np.clip(residual[0], -delta, delta)
     return value, grad
 
 
@@ -245,9 +250,9 @@ def multistart(
     log_loss: np.ndarray,
     *,
     delta: float,
-    screen_iter: int = 8,
-    num_finalists: int = 32,
-    num_polished: int = 4,
+    screen_iter: int = 6,
+    num_finalists: int = 16,
+    num_polished: int = 3,
 ) -> MultiStartResult:
     """Screen every start for a few batched steps, finish the best, polish the top few.
 

@@ -157,9 +157,7 @@ def fit_chinchilla(
     log_loss = np.log(points["loss"])
 
     started = time.perf_counter()
-    best = solver.multistart(
-        chinchilla_starts(), log_x, log_loss, delta=huber_delta, screen_iter=8
-    )
+    best = solver.multistart(chinchilla_starts(), log_x, log_loss, delta=huber_delta)
     residual, _ = solver.residuals_and_jacobian(
         best.params[None, :], log_x, log_loss, jacobian=False
     )
