@@ -98,6 +98,9 @@ class TorchExperts(ExpertBackend):
         return y, Routing(logits=logits, experts=experts, weights=weights)
 
     def _experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # Autocast does not reach grouped_mm; cast by hand so the bf16 kernel is used.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         w_in = self.w_in.to(x.dtype)
         hidden = grouped_matmul(x, w_in, counts)
         if self.w_gate is None:
