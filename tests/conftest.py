@@ -22,6 +22,17 @@ def run_frontier(*args: str, timeout_s: float = 600, env: dict | None = None):
 
 
 @pytest.fixture
+def frontier_cli():
+    """`frontier_cli("run", ...)` runs the real CLI in a fresh process."""
+    return run_frontier
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture
 def write_spec(tmp_path: Path):
     def write(text: str, name: str = "spec.yaml") -> Path:
         path = tmp_path / name

@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, run_frontier
-
 from orchestrator.store import read_curves, read_trials
 
 MIXED_STUDY = """
@@ -25,7 +23,7 @@ deepspeed: zero1_cpu
 """
 
 
-def test_study_with_failures_divergence_and_deepspeed_pair(tmp_path: Path) -> None:
+def test_study_with_failures_divergence_and_deepspeed_pair(tmp_path: Path, frontier_cli) -> None:
     probe = tmp_path / "probe.yaml"
     probe.write_text(MIXED_STUDY.format(
         workload="probe",
@@ -43,7 +41,7 @@ def test_study_with_failures_divergence_and_deepspeed_pair(tmp_path: Path) -> No
     ).replace("name: mixed", "name: pair"))
     results = tmp_path / "results"
 
-    first = run_frontier("run", str(probe), "--results", str(results))
+    first = frontier_cli("run", str(probe), "--results", str(results))
     assert first.returncode == 1, first.stderr  # one trial failed
     assert "[4/4]" in first.stderr and "failed" in first.stderr
 
@@ -62,7 +60,7 @@ def test_study_with_failures_divergence_and_deepspeed_pair(tmp_path: Path) -> No
     assert {tid for tid in curves["trial_id"].to_pylist() if tid in done_ids} == done_ids
 
     # The 2-worker trial: Ray Train TorchTrainer with DeepSpeed on gloo.
-    second = run_frontier("run", str(pair), "--results", str(results))
+    second = frontier_cli("run", str(pair), "--results", str(results))
     assert second.returncode == 0, second.stderr[-3000:]
     (pair_row,) = read_trials(results, "pair").to_pylist()
     assert pair_row["status"] == "done", pair_row["error"]
@@ -72,21 +70,23 @@ def test_study_with_failures_divergence_and_deepspeed_pair(tmp_path: Path) -> No
     assert pair_row["metrics.tokens"] == 40 * 32 * 2
 
     # A rerun runs nothing; --retry-failed runs only the failed and diverged ones.
-    again = run_frontier("run", str(probe), "--results", str(results))
+    again = frontier_cli("run", str(probe), "--results", str(results))
     assert again.returncode == 0, again.stderr
     assert "0 to run" in again.stderr
-    retried = run_frontier("run", str(probe), "--results", str(results), "--retry-failed")
+    retried = frontier_cli("run", str(probe), "--results", str(results), "--retry-failed")
     assert "2 to run" in retried.stderr
     assert read_trials(results, "mixed").num_rows == 4
 
-    status = run_frontier("status", "--results", str(results))
+    status = frontier_cli("status", "--results", str(results))
     assert status.returncode == 0
     lines = {line.split()[0]: line.split()[1:] for line in status.stdout.splitlines()[2:]}
     assert lines["mixed"] == ["2", "1", "1", "0"]
     assert lines["pair"] == ["1", "0", "0", "0"]
 
 
-def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
+def test_killed_run_resumes_without_loss_or_duplicates(
+    tmp_path: Path, frontier_cli, repo_root: Path
+) -> None:
     spec = tmp_path / "slow.yaml"
     spec.write_text(
         "name: slow\nworkload: probe\nparams: {work_s: 1.5, num_steps: 3}\n"
@@ -96,7 +96,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
     trials_dir = results / "slow" / "trials"
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results", str(results)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(trials_dir.glob("*.parquet"))) < 2:
@@ -107,7 +107,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
     survivors = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.parquet")}
     assert 2 <= len(survivors) < 6, "the kill should land mid-study"
 
-    resumed = run_frontier("run", str(spec), "--results", str(results))
+    resumed = frontier_cli("run", str(spec), "--results", str(results))
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(survivors)} already recorded" in resumed.stderr
 

@@ -88,7 +88,7 @@ def test_isoflop_sizes_tokens_to_the_budget() -> None:
 
 
 def test_isoflop_unknown_tokens_param() -> None:
-    with pytest.raises(UserError, match="isoflop.tokens_param"):
+    with pytest.raises(UserError, match=r"isoflop\.tokens_param"):
         plan({"isoflop": {"budgets": [1e9], "size_param": "value", "sizes": [1],
                           "tokens_param": "nope"}})
 

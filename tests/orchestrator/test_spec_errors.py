@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_frontier
 
 GOOD = """
 name: tiny
@@ -46,10 +45,10 @@ BAD_SPECS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SPECS))
-def test_bad_spec_gets_one_line_and_exit_2(case: str, write_spec) -> None:
+def test_bad_spec_gets_one_line_and_exit_2(case: str, write_spec, frontier_cli) -> None:
     text, needles = BAD_SPECS[case]
     spec = write_spec(text)
-    result = run_frontier("run", str(spec), "--results", str(spec.parent / "results"))
+    result = frontier_cli("run", str(spec), "--results", str(spec.parent / "results"))
 
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -59,30 +58,30 @@ def test_bad_spec_gets_one_line_and_exit_2(case: str, write_spec) -> None:
         assert needle in lines[0], lines[0]
 
 
-def test_missing_spec_file(tmp_path) -> None:
-    result = run_frontier("run", str(tmp_path / "absent.yaml"))
+def test_missing_spec_file(tmp_path, frontier_cli) -> None:
+    result = frontier_cli("run", str(tmp_path / "absent.yaml"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"frontier: spec: file '{tmp_path / 'absent.yaml'}' not found; check the path"
     ]
 
 
-def test_unknown_builtin_name_lists_the_builtins() -> None:
-    result = run_frontier("run", "no_such_study")
+def test_unknown_builtin_name_lists_the_builtins(frontier_cli) -> None:
+    result = frontier_cli("run", "no_such_study")
     assert result.returncode == 2
     assert "built-in: " in result.stderr and "smoke" in result.stderr
 
 
-def test_bad_argument_is_one_line() -> None:
-    result = run_frontier("run", "smoke", "--bogus")
+def test_bad_argument_is_one_line(frontier_cli) -> None:
+    result = frontier_cli("run", "smoke", "--bogus")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "--bogus" in result.stderr
 
 
-def test_good_spec_dry_run_prints_the_plan(write_spec) -> None:
+def test_good_spec_dry_run_prints_the_plan(write_spec, frontier_cli) -> None:
     spec = write_spec(GOOD)
-    result = run_frontier("run", str(spec), "--dry-run", "--results", str(spec.parent / "r"))
+    result = frontier_cli("run", str(spec), "--dry-run", "--results", str(spec.parent / "r"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("pending") == 2
     assert "2 trials" in result.stdout
