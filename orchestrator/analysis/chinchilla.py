@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from orchestrator.analysis import _lse_solver as solver
-from orchestrator.analysis._common import bootstrap_counts, clean_points, logger, percentile_ci
+from orchestrator.analysis._common import clean_points, logger, percentile_ci
 
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
 MIN_POINTS = 6
@@ -26,9 +26,6 @@ MIN_POINTS = 6
 EXPONENT_STARTS = np.arange(0.0, 2.01, 0.5)
 SCALE_STARTS = np.arange(0.0, 25.1, 5.0)
 IRREDUCIBLE_STARTS = np.arange(-1.0, 1.01, 0.5)
-
-_PERTURBATION = np.array([0.5, 0.5, 0.03, 0.03, 0.05])
-"""Noise (a, b, alpha, beta, e) around the full-data optimum for extra bootstrap starts."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,44 +96,6 @@ def chinchilla_starts() -> np.ndarray:
     return solver.start_grid(2, EXPONENT_STARTS, SCALE_STARTS, IRREDUCIBLE_STARTS)
 
 
-def bootstrap_refits(
-    optimum: np.ndarray,
-    log_x: np.ndarray,
-    log_loss: np.ndarray,
-    *,
-    delta: float,
-    num_replicates: int,
-    seed: int,
-    num_perturbed: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Refit every bootstrap replicate in one batch; returns (params, converged) per replicate.
-
-    Each replicate starts from the full-data optimum and ``num_perturbed`` random
-    perturbations of it and keeps its best row.
-    """
-    rng = np.random.default_rng(seed)
-    counts = bootstrap_counts(len(log_loss), num_replicates, rng)
-    num_rows = 1 + num_perturbed
-    starts = np.repeat(optimum[None, :], num_replicates * num_rows, axis=0)
-    noise = rng.normal(size=(num_replicates, num_perturbed, len(optimum))) * _PERTURBATION
-    starts.reshape(num_replicates, num_rows, -1)[:, 1:, :] += noise
-
-    batch = solver.solve_batch(
-        starts,
-        log_x,
-        log_loss,
-        delta=delta,
-        weights=np.repeat(counts, num_rows, axis=0),
-        max_iter=200,
-        ftol=1e-10,
-    )
-    objective = batch.objective.reshape(num_replicates, num_rows)
-    best = np.argmin(objective, axis=1)
-    rows = np.arange(num_replicates) * num_rows + best
-    converged = batch.converged.reshape(num_replicates, num_rows).any(axis=1)
-    return batch.params[rows], converged & np.all(np.isfinite(batch.params[rows]), axis=1)
-
-
 def fit_chinchilla(
     N: np.ndarray,  # noqa: N803 - the law's own symbols
     D: np.ndarray,  # noqa: N803
@@ -175,7 +134,7 @@ def fit_chinchilla(
     num_failed = 0
     if bootstrap > 0 and best.converged:
         started = time.perf_counter()
-        params, ok = bootstrap_refits(
+        params, ok = solver.bootstrap_refits(
             best.params, log_x, log_loss, delta=huber_delta, num_replicates=bootstrap, seed=seed
         )
         samples = _to_named(params[ok])

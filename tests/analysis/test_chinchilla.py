@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.analysis import chinchilla as ch
+from orchestrator.analysis import _lse_solver as solver
 from orchestrator.analysis import fit_chinchilla
 from orchestrator.errors import UserError
 
@@ -71,10 +71,10 @@ def test_perturbed_bootstrap_starts_agree_with_optimum_starts() -> None:
     log_x = np.log(np.stack([n, d], axis=1))
     optimum = np.array([np.log(fit.A), np.log(fit.B), fit.alpha, fit.beta, np.log(fit.E)])
 
-    plain, _ = ch.bootstrap_refits(
+    plain, _ = solver.bootstrap_refits(
         optimum, log_x, np.log(loss), delta=1e-3, num_replicates=200, seed=5, num_perturbed=0
     )
-    perturbed, _ = ch.bootstrap_refits(
+    perturbed, _ = solver.bootstrap_refits(
         optimum, log_x, np.log(loss), delta=1e-3, num_replicates=200, seed=5, num_perturbed=3
     )
 
