@@ -16,6 +16,7 @@ from orchestrator.analysis.moe import (
     ClarkFit,
     EffectiveMultiplier,
     effective_multiplier,
+    effective_multiplier_joint,
     fit_clark,
 )
 from orchestrator.analysis.power_law import PowerLawFit, fit_power_law
@@ -28,6 +29,7 @@ __all__ = [
     "PowerLawFit",
     "allocation_from_chinchilla",
     "effective_multiplier",
+    "effective_multiplier_joint",
     "fit_chinchilla",
     "fit_clark",
     "fit_envelope",

@@ -1,8 +1,10 @@
 """MoE against dense: the effective parameter multiplier, and Clark et al.'s (2022) law.
 
-Effective multiplier: fit the dense law L(N) = E + A N^-alpha; an MoE run with N_active
-active parameters and loss L is worth N_eff = (A / (L - E))^(1/alpha) dense parameters.
-The multiplier is the geometric mean of N_eff / N_active over the MoE runs.
+Effective multiplier: an MoE run with N_active active parameters and loss L is worth the
+N_eff dense parameters at which the dense law reaches L: with L(N) = E + A N^-alpha fitted at
+the MoE runs' token count, N_eff = (A / (L - E))^(1/alpha); with the joint dense law
+L(N, D), N_eff = (A / (L - E - B D^-beta))^(1/alpha) at the run's own D. The multiplier is
+the geometric mean of N_eff / N_active over the MoE runs.
 
 Clark et al. (2022), eq. (1): log L = a log N + b log X + c log N log X + d, with X the
 number of experts (1 for dense), fitted by least squares.
@@ -21,6 +23,7 @@ import numpy as np
 
 from orchestrator.analysis import _lse_solver as solver
 from orchestrator.analysis._common import bootstrap_counts, clean_points, percentile_ci
+from orchestrator.analysis.chinchilla import ChinchillaFit
 from orchestrator.analysis.power_law import PowerLawFit, fit_power_law, to_named
 from orchestrator.errors import UserError
 
@@ -163,4 +166,51 @@ def fit_clark(
         num_points=len(log_loss),
         residuals=design @ coef - log_loss,
         converged=bool(rank == 4),
+    )
+
+
+def effective_multiplier_joint(
+    dense: ChinchillaFit,
+    moe_active_params: np.ndarray,
+    moe_tokens: np.ndarray,
+    moe_loss: np.ndarray,
+    *,
+    seed: int = 0,
+) -> EffectiveMultiplier:
+    """The multiplier against a dense L(N, D) fit, each MoE run at its own token count.
+
+    The interval combines the dense fit's bootstrap samples (if any) with a resample of
+    the MoE runs, one per dense replicate.
+    """
+    moe, _ = clean_points("MoE multiplier", 1, n=moe_active_params, d=moe_tokens, loss=moe_loss)
+
+    def ratios_of(law: np.ndarray) -> np.ndarray:
+        e, a, b, alpha, beta = (law[:, k, None] for k in range(5))
+        excess = moe["loss"][None, :] - e - b * moe["d"][None, :] ** -beta
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n_eff = np.where(excess > 0, (a / excess) ** (1 / alpha), np.nan)
+        return n_eff / moe["n"][None, :]
+
+    point = np.array([[dense.E, dense.A, dense.B, dense.alpha, dense.beta]])
+    ratios = ratios_of(point)[0]
+    usable = np.isfinite(ratios)
+    if not usable.any():
+        raise UserError("MoE multiplier: every MoE loss is below the dense law at its D")
+
+    ci: dict[str, tuple[float, float]] = {}
+    if len(dense.bootstrap_samples):
+        boot = ratios_of(dense.bootstrap_samples)
+        rng = np.random.default_rng(seed)
+        counts = bootstrap_counts(len(moe["n"]), len(boot), rng) * np.isfinite(boot)
+        log_ratio = np.where(np.isfinite(boot), np.log(boot), 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            geo = np.exp((counts * log_ratio).sum(axis=1) / counts.sum(axis=1))
+        ci = {"multiplier": percentile_ci(geo)}
+
+    return EffectiveMultiplier(
+        multiplier=float(np.exp(np.log(ratios[usable]).mean())),
+        ci=ci,
+        ratios=ratios[usable],
+        num_below_floor=int((~usable).sum()),
+        converged=dense.converged,
     )
