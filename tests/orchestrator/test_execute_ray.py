@@ -84,28 +84,46 @@ def test_study_with_failures_divergence_and_deepspeed_pair(tmp_path: Path, front
     assert lines["pair"] == ["1", "0", "0", "0"]
 
 
-def test_killed_run_resumes_without_loss_or_duplicates(
+def _start_and_stop(
+    command: list[str], cwd: Path, trials_dir: Path, min_files: int, signum: int
+) -> subprocess.CompletedProcess:
+    """Start `frontier run`, wait until min_files trials are recorded, then send signum."""
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(trials_dir.glob("*.parquet"))) < min_files:
+        time.sleep(0.1)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def test_interrupted_and_killed_runs_resume_without_loss_or_duplicates(
     tmp_path: Path, frontier_cli, repo_root: Path
 ) -> None:
     spec = tmp_path / "slow.yaml"
     spec.write_text(
         "name: slow\nworkload: probe\nparams: {work_s: 1.5, num_steps: 3}\n"
-        "axes: {grid: {value: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}}\nseeds: [0]\n"
+        "axes: {grid: {value: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]}}\nseeds: [0]\n"
     )
     results = tmp_path / "results"
     trials_dir = results / "slow" / "trials"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--results", str(results)],
-        cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(trials_dir.glob("*.parquet"))) < 2:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    command = [sys.executable, "-m", "orchestrator.cli", "run", str(spec),
+               "--results", str(results)]
 
+    # Ctrl-C: a clean stop with exit 130 that says how to resume.
+    stopped = _start_and_stop(command, repo_root, trials_dir, 2, signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "interrupted" in stopped.stderr and "run the same command" in stopped.stderr
+    after_interrupt = len(list(trials_dir.glob("*.parquet")))
+
+    # SIGKILL: no chance to clean up, and still nothing half-written or lost.
+    killed = _start_and_stop(command, repo_root, trials_dir, after_interrupt + 2, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
     survivors = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.parquet")}
-    assert 2 <= len(survivors) < 6, "the kill should land mid-study"
+    assert after_interrupt + 2 <= len(survivors) < 8, "the kill should land mid-study"
+    assert not [p for p in trials_dir.iterdir() if not p.name.endswith(".parquet")]
 
     resumed = frontier_cli("run", str(spec), "--results", str(results))
     assert resumed.returncode == 0, resumed.stderr
@@ -113,8 +131,8 @@ def test_killed_run_resumes_without_loss_or_duplicates(
 
     table = read_trials(results, "slow")
     ids = table["trial_id"].to_pylist()
-    assert len(ids) == 6 and len(set(ids)) == 6
+    assert len(ids) == 8 and len(set(ids)) == 8
     assert set(table["status"].to_pylist()) == {"done"}
-    # Trials finished before the kill were neither lost nor run again.
+    # Trials finished before the stops were neither lost nor run again.
     for name, mtime_ns in survivors.items():
         assert (trials_dir / name).stat().st_mtime_ns == mtime_ns
