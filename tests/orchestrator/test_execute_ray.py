@@ -136,3 +136,31 @@ def test_interrupted_and_killed_runs_resume_without_loss_or_duplicates(
     # Trials finished before the stops were neither lost nor run again.
     for name, mtime_ns in survivors.items():
         assert (trials_dir / name).stat().st_mtime_ns == mtime_ns
+
+
+LM_PAIR = """
+name: lm_pair
+workload: lm
+params: {d_model: 32, num_layers: 1, num_heads: 2, d_ff: 64, context_length: 32,
+         vocab_size: 64, batch_size: 8, num_tokens: 8192, eval_every: 16, eval_tokens: 1024,
+         num_experts: 4, top_k: 2, moe_backend: deepspeed, ep_size: 2, num_workers: 2}
+seeds: [0]
+deepspeed: zero1_cpu
+"""
+
+
+def test_two_worker_moe_lm_with_expert_parallelism_through_the_orchestrator(
+    tmp_path: Path, frontier_cli
+) -> None:
+    spec = tmp_path / "lm_pair.yaml"
+    spec.write_text(LM_PAIR)
+    result = frontier_cli("run", str(spec), "--results", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    (row,) = read_trials(tmp_path / "r", "lm_pair").to_pylist()
+    assert row["status"] == "done", row["error"]
+    assert row["workers"] == 2 and row["params.ep_size"] == 2
+    assert math.isfinite(row["metrics.loss"])
+    # 4 experts, 2 selected: far fewer active than total parameters.
+    assert row["metrics.params_active"] < row["metrics.params_total"]
+    assert row["metrics.tokens"] >= 8192
