@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -114,10 +115,13 @@ def print_plan(spec, trials, results: str) -> None:
         key for key in trials[0].params
         if len({repr(t.params.get(key)) for t in trials}) > 1 and key != "seed"
     })
-    header = ["trial", *varied, "seed", "workers", "cpu/w", "gpu/w", "FLOPs", "status"]
+    notes = sorted({key for t in trials for key in t.annotations})
+    header = ["trial", *notes, *varied, "seed", "workers", "cpu/w", "gpu/w", "FLOPs", "status"]
     rows = [
         [
-            t.trial_id[:12], *(str(t.params.get(k)) for k in varied), str(t.seed),
+            t.trial_id[:12], *(f"{t.annotations.get(k, '-'):.3g}" if k in t.annotations
+                               else "-" for k in notes),
+            *(str(t.params.get(k)) for k in varied), str(t.seed),
             str(t.resources.workers), f"{t.resources.cpus_per_worker:g}",
             f"{t.resources.gpus_per_worker:g}", f"{t.flops:.3g}",
             recorded.get(t.trial_id, "pending"),
@@ -258,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader (`| head`) went away; stop writing without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
