@@ -296,7 +296,8 @@ def _fit_study(name: str, trials: pa.Table, curves: pa.Table, out_dir: Path) -> 
                     )
                 )
 
-        varies = len(np.unique(n[rows])) >= 2 and len(np.unique(d[rows])) >= 2
+        # Two values of a resource cannot separate its exponent from its scale and E.
+        varies = len(np.unique(n[rows])) >= 3 and len(np.unique(d[rows])) >= 3
         if varies:
             joint = fitter.attempt(
                 "L(N,D)",

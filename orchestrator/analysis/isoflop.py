@@ -315,7 +315,8 @@ def allocation_from_chinchilla(fit: ChinchillaFit, reference_flops: float) -> Al
         _, big_a, big_b, alpha, beta = e_a_b_alpha_beta.T
         total = alpha + beta
         a, b = beta / total, alpha / total
-        log_g = (np.log(alpha * big_a) - np.log(beta * big_b)) / total
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_g = (np.log(alpha * big_a) - np.log(beta * big_b)) / total
         log_n = log_g + a * (np.log(reference_flops) - np.log(6.0))
         log_d = np.log(reference_flops / 6.0) - log_n
         return np.stack([a, b, np.exp(log_d - log_n), log_g - a * np.log(6.0)], axis=-1)
