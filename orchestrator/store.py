@@ -148,9 +148,17 @@ class ResultsStore:
         if info.type != pafs.FileType.Directory:
             return []
         entries = self.fs.get_file_info(pafs.FileSelector(self.base))
-        return sorted(
+        folders = [
             e.base_name for e in entries
             if e.type == pafs.FileType.Directory and not e.base_name.startswith(("_", "."))
+        ]
+        # A study folder has a plan or trials; a report written into the root has neither.
+        return sorted(
+            name for name in folders
+            if any(
+                self.fs.get_file_info(self._path(name, marker)).type != pafs.FileType.NotFound
+                for marker in ("plan.json", "trials")
+            )
         )
 
     def _read_folder(self, study: str | None, folder: str) -> pa.Table | None:
