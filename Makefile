@@ -32,6 +32,8 @@ lint: venv
 
 bench: venv
 	$(PY) benchmarks/orchestration_overhead.py
+	$(PY) benchmarks/lm_throughput.py
+	$(PY) benchmarks/chinchilla_fit.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

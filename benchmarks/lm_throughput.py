@@ -93,8 +93,9 @@ def compare_with_plain_loop(num_steps: int, repeats: int, batch_size: int) -> No
         f"[1] lm step, {params / 1e6:.2f}M params, batch {batch_size}x"
         f"{CPU_MODEL['context_length']}, {num_steps} steps x {repeats}, CPU"
     )
-    print(f"    plain PyTorch loop : {statistics.median(plain):9.0f} tokens/s  {plain}")
-    print(f"    lm via orchestrator: {statistics.median(ours):9.0f} tokens/s  {ours}")
+    for label, runs in (("plain PyTorch loop ", plain), ("lm via orchestrator", ours)):
+        each = ", ".join(f"{value:.0f}" for value in runs)
+        print(f"    {label}: {statistics.median(runs):9.0f} tokens/s  (runs: {each})")
     print(f"    ratio orchestrator / plain = {ratio:.3f}  (target >= 0.95)")
 
 
