@@ -278,7 +278,9 @@ def check_capacity(trials: Sequence[Trial], nodes: Sequence[dict[str, float]]) -
             )
 
 
-def _payload(trial: Trial, deepspeed: dict[str, Any], root: str, scratch: str) -> dict[str, Any]:
+def _payload(
+    trial: Trial, deepspeed: dict[str, Any], store: ResultsStore, scratch: str
+) -> dict[str, Any]:
     return {
         "study": trial.study,
         "trial_id": trial.trial_id,
@@ -289,8 +291,13 @@ def _payload(trial: Trial, deepspeed: dict[str, Any], root: str, scratch: str) -
         "gpus_per_worker": trial.resources.gpus_per_worker,
         "deepspeed": deepspeed,
         "scratch_root": scratch,
-        "ray_storage": f"{root.rstrip('/')}/_ray_train",
+        # Ray Train wants an absolute path or a URI; a relative --results is neither.
+        "ray_storage": f"{_absolute_root(store).rstrip('/')}/_ray_train",
     }
+
+
+def _absolute_root(store: ResultsStore) -> str:
+    return store.root if "://" in store.root else store.base
 
 
 def _scratch_root(store: ResultsStore) -> str:
@@ -405,7 +412,7 @@ def run_study(
     workload = get_workload(spec.workload)
     progress = StudyProgress(spec.name, len(pending), workload.key_metric)
     refs = {
-        _submit(t, _payload(t, deepspeed, store.root, scratch), board): t for t in pending
+        _submit(t, _payload(t, deepspeed, store, scratch), board): t for t in pending
     }
     counts = {"done": 0, "failed": 0, "diverged": 0}
 

@@ -12,12 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_frontier(*args: str, timeout_s: float = 600, env: dict | None = None):
-    """Run `frontier ARGS` as a user would, in a fresh process."""
+def run_frontier(
+    *args: str, timeout_s: float = 600, env: dict | None = None, cwd: Path = REPO
+):
+    """Run `frontier ARGS` as a user would, in a fresh process (from folder ``cwd``)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
-        capture_output=True, text=True, timeout=timeout_s, env=full_env, cwd=REPO,
+        capture_output=True, text=True, timeout=timeout_s, env=full_env, cwd=cwd,
     )
 
 

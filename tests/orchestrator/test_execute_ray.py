@@ -59,8 +59,9 @@ def test_study_with_failures_divergence_and_deepspeed_pair(tmp_path: Path, front
     done_ids = {r["trial_id"] for r in by_status["done"]}
     assert {tid for tid in curves["trial_id"].to_pylist() if tid in done_ids} == done_ids
 
-    # The 2-worker trial: Ray Train TorchTrainer with DeepSpeed on gloo.
-    second = frontier_cli("run", str(pair), "--results", str(results))
+    # The 2-worker trial: Ray Train TorchTrainer with DeepSpeed on gloo, given the results
+    # root as a relative path, as `make smoke` does.
+    second = frontier_cli("run", str(pair), "--results", "results", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     (pair_row,) = read_trials(results, "pair").to_pylist()
     assert pair_row["status"] == "done", pair_row["error"]
