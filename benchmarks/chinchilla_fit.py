@@ -20,7 +20,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -36,13 +35,7 @@ DELTA = 1e-3
 
 
 def load_runs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with DATA.open() as handle:
-        rows = list(csv.DictReader(handle))
-    n = np.array([float(r["Model Size"]) for r in rows])
-    flops = np.array([float(r["Training FLOP"]) for r in rows])
-    loss = np.array([float(r["loss"]) for r in rows])
-    keep = np.argsort(loss)[:-5]
-    return n[keep], flops[keep] / (6 * n[keep]), loss[keep]
+    return ch.load_chinchilla_runs(DATA)
 
 
 def objective_only(params: np.ndarray, log_x: np.ndarray, log_loss: np.ndarray) -> float:

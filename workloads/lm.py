@@ -207,7 +207,9 @@ class LanguageModel(Workload):
                 params.data_path, params.text_column, params.tokenizer, params.vocab_size
             )
 
-    def run(self, params: LanguageModelParams, ctx: Context) -> dict[str, float]:  # type: ignore[override]
+    def run(  # type: ignore[override]
+        self, params: LanguageModelParams, ctx: Context
+    ) -> dict[str, float]:
         self.check(params)
         config = params.transformer_config()
         torch.manual_seed(params.seed)

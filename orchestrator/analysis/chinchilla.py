@@ -10,9 +10,11 @@ points started from the full-data optimum and one perturbation of it.
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -89,6 +91,23 @@ def _to_named(params: np.ndarray) -> np.ndarray:
         ],
         axis=1,
     )
+
+
+def load_chinchilla_runs(
+    path: Path, num_dropped: int = 5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, D, loss) of the Hoffmann et al. runs as Besiroglu et al. extracted them.
+
+    The ``num_dropped`` highest-loss runs are left out, as in their replication, and
+    D = C / (6 N).
+    """
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    n = np.array([float(r["Model Size"]) for r in rows])
+    flops = np.array([float(r["Training FLOP"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    keep = np.argsort(loss)[: len(loss) - num_dropped]
+    return n[keep], flops[keep] / (6 * n[keep]), loss[keep]
 
 
 def chinchilla_starts() -> np.ndarray:

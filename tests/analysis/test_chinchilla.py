@@ -1,6 +1,5 @@
 """Approach 3: recovery of known laws, the Besiroglu et al. replication, bad input."""
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 
 from orchestrator.analysis import _lse_solver as solver
 from orchestrator.analysis import fit_chinchilla
+from orchestrator.analysis.chinchilla import load_chinchilla_runs
 from orchestrator.errors import UserError
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data/chinchilla_svg_extracted.csv"
@@ -28,13 +28,7 @@ def synthetic_runs(seed: int, noise: float = 0.005) -> tuple[np.ndarray, ...]:
 def load_chinchilla() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not DATA.exists():
         pytest.skip(f"reference data absent: {DATA}")
-    with DATA.open() as handle:
-        rows = list(csv.DictReader(handle))
-    n = np.array([float(r["Model Size"]) for r in rows])
-    flops = np.array([float(r["Training FLOP"]) for r in rows])
-    loss = np.array([float(r["loss"]) for r in rows])
-    keep = np.argsort(loss)[:-5]
-    return n[keep], flops[keep] / (6 * n[keep]), loss[keep]
+    return load_chinchilla_runs(DATA)
 
 
 def test_recovers_known_law() -> None:
