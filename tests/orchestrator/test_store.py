@@ -100,3 +100,20 @@ def test_select_pending_skips_done_and_retries_failed_only_when_asked() -> None:
 
     pending, _ = select_pending(trials, recorded, retry_failed=True)
     assert [t.trial_id for t in pending] == ["failed1", "diverged1", "new1"]
+
+
+def test_uri_roots_go_through_pyarrow_filesystems(tmp_path) -> None:
+    uri = f"file://{tmp_path}/root"
+    store = ResultsStore(uri)
+    store.write_trial(row("a"), [{"step": 1.0, "loss": 0.5}])
+    store.write_plan("s", {"trial_ids": ["a"]})
+    assert read_trials(uri)["trial_id"].to_pylist() == ["a"]
+    assert read_curves(uri)["loss"].to_pylist() == [0.5]
+    assert (tmp_path / "root" / "s" / "trials" / "a.parquet").is_file()
+
+
+def test_unknown_uri_scheme_is_a_user_error() -> None:
+    from orchestrator.errors import UserError
+
+    with pytest.raises(UserError, match="results: cannot open"):
+        ResultsStore("nosuch://bucket/root")
