@@ -10,6 +10,10 @@ One file per trial keeps every write small and atomic: a local write goes to a h
 temporary name and is renamed into place, and an object-store PUT is atomic by itself, so
 a crash never leaves a file a reader would trust half-written. A trial written twice
 (a rerun after a crash) replaces its own file: no trial is recorded twice.
+
+NOTE: there are no leases yet. Two `frontier run` processes started on the same study at
+the same time would both run its pending trials (each trial still ends up as one row,
+the later write winning); a lease per study or per trial is what is missing.
 """
 
 from __future__ import annotations
