@@ -239,8 +239,13 @@ def init_ray(address: str | None) -> None:
         logger.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **quiet)
         return
-    logger.info("starting a local Ray (dashboard off, loopback only)")
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+    # The dashboard serves Ray's state API, which Ray Train uses to clean up after its
+    # controllers; it listens on loopback only, like the rest of the local Ray.
+    context = ray.init(
+        include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+        **quiet,
+    )
+    logger.info("started a local Ray on 127.0.0.1; dashboard: http://%s", context.dashboard_url)
 
 
 def local_node() -> dict[str, float]:
