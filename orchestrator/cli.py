@@ -96,13 +96,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_plan(spec, trials, args.results)
         return 0
     summary = run_study(
-        spec, trials, args.results,
-        address=args.address, retry_failed=args.retry_failed, spec_dir=spec_dir,
+        spec,
+        trials,
+        args.results,
+        address=args.address,
+        retry_failed=args.retry_failed,
+        spec_dir=spec_dir,
     )
     logger.info(
         "study %s: %d done, %d failed, %d diverged, %d skipped in %.1f s; results in %s",
-        spec.name, summary.done, summary.failed, summary.diverged, summary.skipped,
-        summary.wall_s, args.results,
+        spec.name,
+        summary.done,
+        summary.failed,
+        summary.diverged,
+        summary.skipped,
+        summary.wall_s,
+        args.results,
     )
     return 0 if summary.ok else 1
 
@@ -111,19 +120,25 @@ def print_plan(spec, trials, results: str) -> None:
     from orchestrator.store import ResultsStore
 
     recorded = ResultsStore(results).statuses(spec.name)
-    varied = sorted({
-        key for key in trials[0].params
-        if len({repr(t.params.get(key)) for t in trials}) > 1 and key != "seed"
-    })
+    varied = sorted(
+        {
+            key
+            for key in trials[0].params
+            if len({repr(t.params.get(key)) for t in trials}) > 1 and key != "seed"
+        }
+    )
     notes = sorted({key for t in trials for key in t.annotations})
     header = ["trial", *notes, *varied, "seed", "workers", "cpu/w", "gpu/w", "FLOPs", "status"]
     rows = [
         [
-            t.trial_id[:12], *(f"{t.annotations.get(k, '-'):.3g}" if k in t.annotations
-                               else "-" for k in notes),
-            *(str(t.params.get(k)) for k in varied), str(t.seed),
-            str(t.resources.workers), f"{t.resources.cpus_per_worker:g}",
-            f"{t.resources.gpus_per_worker:g}", f"{t.flops:.3g}",
+            t.trial_id[:12],
+            *(f"{t.annotations.get(k, '-'):.3g}" if k in t.annotations else "-" for k in notes),
+            *(str(t.params.get(k)) for k in varied),
+            str(t.seed),
+            str(t.resources.workers),
+            f"{t.resources.cpus_per_worker:g}",
+            f"{t.resources.gpus_per_worker:g}",
+            f"{t.flops:.3g}",
             recorded.get(t.trial_id, "pending"),
         ]
         for t in trials
@@ -139,8 +154,10 @@ def print_plan(spec, trials, results: str) -> None:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False))
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False))
+        for row in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -196,9 +213,14 @@ def print_smoke_summary(results: str, study: str) -> None:
         key = (family, row["metrics.params_active"], row["workers"])
         cells[key].append(row["metrics.loss"])
     table = [
-        [family, f"{n_active:,.0f}", str(workers), str(len(losses)),
-         f"{statistics.mean(losses):.4f}",
-         f"{statistics.stdev(losses):.4f}" if len(losses) > 1 else "-"]
+        [
+            family,
+            f"{n_active:,.0f}",
+            str(workers),
+            str(len(losses)),
+            f"{statistics.mean(losses):.4f}",
+            f"{statistics.stdev(losses):.4f}" if len(losses) > 1 else "-",
+        ]
         for (family, n_active, workers), losses in sorted(cells.items())
     ]
     print(_table(["family", "N active", "workers", "seeds", "loss", "sd"], table))

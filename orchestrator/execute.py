@@ -65,12 +65,21 @@ def provenance(spec: StudySpec) -> dict[str, Any]:
     try:
         rev = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip() != ""
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            != ""
+        )
     except (OSError, subprocess.SubprocessError):
         rev, dirty = "unknown", False
     packages = {}
@@ -125,7 +134,10 @@ def run_trial_here(
 
     started_s, started_at = time.perf_counter(), _now()
     outcome: dict[str, Any] = {
-        "status": "done", "metrics": {}, "error": None, "diverged_step": None
+        "status": "done",
+        "metrics": {},
+        "error": None,
+        "diverged_step": None,
     }
     try:
         outcome["metrics"] = {k: float(v) for k, v in workload.run(params, ctx).items()}
@@ -177,9 +189,15 @@ def _failed_outcome(error: BaseException | str, wall_s: float, started_at: str) 
     text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
     status = "diverged" if "TrialDiverged" in text else "failed"
     return {
-        "status": status, "metrics": {}, "curves": [], "error": text[-8000:],
-        "diverged_step": None, "wall_s": wall_s, "started_at": started_at,
-        "ended_at": _now(), "host": socket.gethostname(),
+        "status": status,
+        "metrics": {},
+        "curves": [],
+        "error": text[-8000:],
+        "diverged_step": None,
+        "wall_s": wall_s,
+        "started_at": started_at,
+        "ended_at": _now(),
+        "host": socket.gethostname(),
     }
 
 
@@ -242,7 +260,9 @@ def init_ray(address: str | None) -> None:
     # The dashboard serves Ray's state API, which Ray Train uses to clean up after its
     # controllers; it listens on loopback only, like the rest of the local Ray.
     context = ray.init(
-        include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
         **quiet,
     )
     logger.info("started a local Ray on 127.0.0.1; dashboard: http://%s", context.dashboard_url)
@@ -392,17 +412,23 @@ def run_study(
     if local:
         check_capacity(pending, [local_node()])
 
-    store.write_plan(spec.name, {
-        "study": spec.name,
-        "workload": spec.workload,
-        "spec_hash": spec.spec_hash(),
-        "trial_ids": [t.trial_id for t in trials],
-    })
+    store.write_plan(
+        spec.name,
+        {
+            "study": spec.name,
+            "workload": spec.workload,
+            "spec_hash": spec.spec_hash(),
+            "trial_ids": [t.trial_id for t in trials],
+        },
+    )
     for trial, reason in skipped:
         logger.debug("skip trial %s: %s", trial.trial_id, reason)
     logger.info(
         "study %s: %d trials planned, %d already recorded, %d to run",
-        spec.name, len(trials), len(skipped), len(pending),
+        spec.name,
+        len(trials),
+        len(skipped),
+        len(pending),
     )
     if not pending:
         return RunSummary(len(trials), len(skipped), 0, 0, 0, time.perf_counter() - started_s)
@@ -416,9 +442,7 @@ def run_study(
     scratch = _scratch_root(store)
     workload = get_workload(spec.workload)
     progress = StudyProgress(spec.name, len(pending), workload.key_metric)
-    refs = {
-        _submit(t, _payload(t, deepspeed, store, scratch), board): t for t in pending
-    }
+    refs = {_submit(t, _payload(t, deepspeed, store, scratch), board): t for t in pending}
     counts = {"done": 0, "failed": 0, "diverged": 0}
 
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -441,14 +465,20 @@ def run_study(
         progress.close()
         logger.warning(
             "interrupted: %d finished trials are saved; run the same command to finish "
-            "the other %d", sum(counts.values()), len(pending) - sum(counts.values()),
+            "the other %d",
+            sum(counts.values()),
+            len(pending) - sum(counts.values()),
         )
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
     return RunSummary(
-        len(trials), len(skipped), counts["done"], counts["failed"], counts["diverged"],
+        len(trials),
+        len(skipped),
+        counts["done"],
+        counts["failed"],
+        counts["diverged"],
         time.perf_counter() - started_s,
     )
 

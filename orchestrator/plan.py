@@ -133,18 +133,21 @@ def expand(spec: StudySpec, workload: Workload, default: Resources | None = None
                 check(params)
             values = params.model_dump(mode="json")
             tid = trial_id(workload.name, workload.version, values, seed)
-            trials.setdefault(tid, Trial(
-                study=spec.name,
-                workload=workload.name,
-                workload_version=workload.version,
-                params=values,
-                seed=seed,
-                trial_id=tid,
-                resources=workload.resources(params, default),
-                flops=float(workload.flops(params)),
-                tokens=float(workload.tokens(params)),
-                annotations=notes,
-            ))
+            trials.setdefault(
+                tid,
+                Trial(
+                    study=spec.name,
+                    workload=workload.name,
+                    workload_version=workload.version,
+                    params=values,
+                    seed=seed,
+                    trial_id=tid,
+                    resources=workload.resources(params, default),
+                    flops=float(workload.flops(params)),
+                    tokens=float(workload.tokens(params)),
+                    annotations=notes,
+                ),
+            )
     if not trials:
         raise UserError("axes: the study has no cells; give grid values, zip groups or include")
     return list(trials.values())

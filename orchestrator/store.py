@@ -153,12 +153,14 @@ class ResultsStore:
             return []
         entries = self.fs.get_file_info(pafs.FileSelector(self.base))
         folders = [
-            e.base_name for e in entries
+            e.base_name
+            for e in entries
             if e.type == pafs.FileType.Directory and not e.base_name.startswith(("_", "."))
         ]
         # A study folder has a plan or trials; a report written into the root has neither.
         return sorted(
-            name for name in folders
+            name
+            for name in folders
             if any(
                 self.fs.get_file_info(self._path(name, marker)).type != pafs.FileType.NotFound
                 for marker in ("plan.json", "trials")

@@ -12,14 +12,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_frontier(
-    *args: str, timeout_s: float = 600, env: dict | None = None, cwd: Path = REPO
-):
+def run_frontier(*args: str, timeout_s: float = 600, env: dict | None = None, cwd: Path = REPO):
     """Run `frontier ARGS` as a user would, in a fresh process (from folder ``cwd``)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
-        capture_output=True, text=True, timeout=timeout_s, env=full_env, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=full_env,
+        cwd=cwd,
     )
 
 

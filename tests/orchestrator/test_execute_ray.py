@@ -25,20 +25,24 @@ deepspeed: zero1_cpu
 
 def test_study_with_failures_divergence_and_deepspeed_pair(tmp_path: Path, frontier_cli) -> None:
     probe = tmp_path / "probe.yaml"
-    probe.write_text(MIXED_STUDY.format(
-        workload="probe",
-        params="{work_s: 0.2, num_steps: 4}",
-        grid="{value: [1.0, 2.0]}",
-        include="[{fail_at_step: 2}, {diverge_at_step: 3}]",
-    ))
+    probe.write_text(
+        MIXED_STUDY.format(
+            workload="probe",
+            params="{work_s: 0.2, num_steps: 4}",
+            grid="{value: [1.0, 2.0]}",
+            include="[{fail_at_step: 2}, {diverge_at_step: 3}]",
+        )
+    )
     pair = tmp_path / "pair.yaml"
-    pair.write_text(MIXED_STUDY.format(
-        workload="zipf_patterns",
-        params="{num_patterns: 128, width: 8, num_experts: 2, top_k: 1, steps: 40, "
-               "batch_size: 32, eval_every: 20, num_workers: 2}",
-        grid="{alpha: [1.5]}",
-        include="[]",
-    ).replace("name: mixed", "name: pair"))
+    pair.write_text(
+        MIXED_STUDY.format(
+            workload="zipf_patterns",
+            params="{num_patterns: 128, width: 8, num_experts: 2, top_k: 1, steps: 40, "
+            "batch_size: 32, eval_every: 20, num_workers: 2}",
+            grid="{alpha: [1.5]}",
+            include="[]",
+        ).replace("name: mixed", "name: pair")
+    )
     results = tmp_path / "results"
 
     first = frontier_cli("run", str(probe), "--results", str(results))
@@ -110,8 +114,15 @@ def test_interrupted_and_killed_runs_resume_without_loss_or_duplicates(
     )
     results = tmp_path / "results"
     trials_dir = results / "slow" / "trials"
-    command = [sys.executable, "-m", "orchestrator.cli", "run", str(spec),
-               "--results", str(results)]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "run",
+        str(spec),
+        "--results",
+        str(results),
+    ]
 
     # Ctrl-C: a clean stop with exit 130 that says how to resume.
     stopped = _start_and_stop(command, repo_root, trials_dir, 2, signal.SIGINT)

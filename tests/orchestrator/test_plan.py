@@ -16,14 +16,16 @@ def plan(raw: dict, workload: str = "probe"):
 
 
 def test_grid_times_zip_times_seeds_plus_include() -> None:
-    trials = plan({
-        "axes": {
-            "grid": {"value": [1.0, 2.0, 3.0]},
-            "zip": [{"work_s": [0.0, 0.5], "num_steps": [2, 3]}],
-        },
-        "include": [{"value": 9.0, "num_workers": 2}],
-        "seeds": [0, 1],
-    })
+    trials = plan(
+        {
+            "axes": {
+                "grid": {"value": [1.0, 2.0, 3.0]},
+                "zip": [{"work_s": [0.0, 0.5], "num_steps": [2, 3]}],
+            },
+            "include": [{"value": 9.0, "num_workers": 2}],
+            "seeds": [0, 1],
+        }
+    )
     assert len(trials) == (3 * 2 + 1) * 2
     zipped = {(t.params["work_s"], t.params["num_steps"]) for t in trials}
     assert zipped == {(0.0, 2), (0.5, 3), (0.1, 4)}
@@ -41,8 +43,9 @@ def test_trial_id_is_content_addressed() -> None:
     assert {t.trial_id for t in first} < {t.trial_id for t in grown}
 
     # Defaults are part of the params, so spelling one out changes nothing.
-    explicit = plan({"params": {"work_s": 0.1}, "axes": {"grid": {"value": [1.0, 2.0]}},
-                     "seeds": [0, 1]})
+    explicit = plan(
+        {"params": {"work_s": 0.1}, "axes": {"grid": {"value": [1.0, 2.0]}}, "seeds": [0, 1]}
+    )
     assert {t.trial_id for t in explicit} == {t.trial_id for t in first}
 
 
@@ -82,15 +85,24 @@ def test_isoflop_sizes_tokens_to_the_budget() -> None:
         budget = trial.annotations["flop_budget"]
         # Steps are whole numbers, so the cost is within one step of the budget.
         assert trial.flops == pytest.approx(budget, rel=0.01)
-    small, large = (sorted(t.params["steps"] for t in trials if t.params["width"] == w)
-                    for w in (8, 32))
+    small, large = (
+        sorted(t.params["steps"] for t in trials if t.params["width"] == w) for w in (8, 32)
+    )
     assert small[0] > large[0]  # the smaller model trains longer on the same budget
 
 
 def test_isoflop_unknown_tokens_param() -> None:
     with pytest.raises(UserError, match=r"isoflop\.tokens_param"):
-        plan({"isoflop": {"budgets": [1e9], "size_param": "value", "sizes": [1],
-                          "tokens_param": "nope"}})
+        plan(
+            {
+                "isoflop": {
+                    "budgets": [1e9],
+                    "size_param": "value",
+                    "sizes": [1],
+                    "tokens_param": "nope",
+                }
+            }
+        )
 
 
 def test_version_mismatch_is_an_error() -> None:

@@ -20,7 +20,8 @@ BAD_SPECS = {
     ),
     "wrong_type": (GOOD.replace("seeds: [0]", "seeds: [zero]"), ["seeds.0", "integer"]),
     "wrong_param_type": (
-        GOOD.replace("{work_s: 0.0}", "{work_s: soon}"), ["params.work_s", "number"]
+        GOOD.replace("{work_s: 0.0}", "{work_s: soon}"),
+        ["params.work_s", "number"],
     ),
     "unknown_param": (
         GOOD.replace("{work_s: 0.0}", "{work_s: 0.0, speed: 3}"),
@@ -37,7 +38,8 @@ BAD_SPECS = {
         ["resources", "GPU", "--address"],
     ),
     "negative_resources": (
-        GOOD + "resources: {workers: 0}\n", ["resources.workers", "greater than or equal"]
+        GOOD + "resources: {workers: 0}\n",
+        ["resources.workers", "greater than or equal"],
     ),
     "invalid_yaml": ("name: [unclosed\nworkload: probe\n", ["invalid YAML", "line"]),
     "not_a_mapping": ("- just\n- a list\n", ["YAML mapping"]),

@@ -15,8 +15,15 @@ from orchestrator.workload import Resources
 
 def row(tid: str, status: str = "done", **metrics: float) -> dict:
     return trial_row(
-        study="s", trial_id=tid, workload="probe", status=status, wall_s=1.5, workers=1,
-        seed=0, params={"width": 8, "tags": ["a", "b"]}, metrics=metrics or {"loss": 0.5},
+        study="s",
+        trial_id=tid,
+        workload="probe",
+        status=status,
+        wall_s=1.5,
+        workers=1,
+        seed=0,
+        params={"width": 8, "tags": ["a", "b"]},
+        metrics=metrics or {"loss": 0.5},
         extra={"provenance.host": "h"},
     )
 
@@ -28,8 +35,18 @@ def test_rows_and_curves_round_trip(tmp_path) -> None:
 
     table = read_trials(tmp_path)
     assert table.num_rows == 2
-    for column in ("study", "trial_id", "workload", "status", "wall_s", "workers", "seed",
-                   "params.width", "metrics.loss", "provenance.host"):
+    for column in (
+        "study",
+        "trial_id",
+        "workload",
+        "status",
+        "wall_s",
+        "workers",
+        "seed",
+        "params.width",
+        "metrics.loss",
+        "provenance.host",
+    ):
         assert column in table.column_names
     assert table["params.tags"].to_pylist() == ['["a", "b"]'] * 2
     assert store.statuses("s") == {"a": "done", "b": "failed"}
