@@ -12,6 +12,7 @@ per trial, so a killed run loses only the trials that were still in flight.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -133,28 +134,48 @@ def run_trial_here(
         artifact_dir.mkdir(parents=True, exist_ok=True)
 
     started_s, started_at = time.perf_counter(), _now()
-    outcome: dict[str, Any] = {
-        "status": "done",
-        "metrics": {},
-        "error": None,
-        "diverged_step": None,
-    }
+    status, metrics, error, diverged_step = "done", {}, None, None
     try:
-        outcome["metrics"] = {k: float(v) for k, v in workload.run(params, ctx).items()}
+        metrics = {k: float(v) for k, v in workload.run(params, ctx).items()}
     except TrialDiverged as diverged:
-        outcome.update(status="diverged", error=str(diverged), diverged_step=diverged.step)
+        status, error, diverged_step = "diverged", str(diverged), diverged.step
     except Exception:
         if raise_errors:
             raise
-        outcome.update(status="failed", error=traceback.format_exc(limit=20))
-    outcome.update(
+        status, error = "failed", traceback.format_exc(limit=20)
+    return _outcome(
+        status,
+        metrics=metrics,
         curves=ctx.curves,
+        error=error,
+        diverged_step=diverged_step,
         wall_s=time.perf_counter() - started_s,
         started_at=started_at,
-        ended_at=_now(),
-        host=socket.gethostname(),
     )
-    return outcome
+
+
+def _outcome(
+    status: str,
+    *,
+    metrics: dict[str, float],
+    curves: list[dict[str, float]],
+    error: str | None,
+    diverged_step: int | None,
+    wall_s: float,
+    started_at: str,
+) -> dict[str, Any]:
+    """A trial's outcome as it travels back to the driver (JSON-safe)."""
+    return {
+        "status": status,
+        "metrics": metrics,
+        "curves": curves,
+        "error": error,
+        "diverged_step": diverged_step,
+        "wall_s": wall_s,
+        "started_at": started_at,
+        "ended_at": _now(),
+        "host": socket.gethostname(),
+    }
 
 
 def _device_for(payload: dict[str, Any]) -> Any:
@@ -188,17 +209,15 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 def _failed_outcome(error: BaseException | str, wall_s: float, started_at: str) -> dict[str, Any]:
     text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
     status = "diverged" if "TrialDiverged" in text else "failed"
-    return {
-        "status": status,
-        "metrics": {},
-        "curves": [],
-        "error": text[-8000:],
-        "diverged_step": None,
-        "wall_s": wall_s,
-        "started_at": started_at,
-        "ended_at": _now(),
-        "host": socket.gethostname(),
-    }
+    return _outcome(
+        status,
+        metrics={},
+        curves=[],
+        error=text[-8000:],
+        diverged_step=None,
+        wall_s=wall_s,
+        started_at=started_at,
+    )
 
 
 def _single_worker_trial(payload: dict[str, Any], board: Any) -> dict[str, Any]:
@@ -331,19 +350,25 @@ def _scratch_root(store: ResultsStore) -> str:
     return store.base
 
 
-def _submit(trial: Trial, payload: dict[str, Any], board: Any) -> Any:
+@functools.cache
+def _remote(function: Any) -> Any:
+    """One Ray remote function per trial kind: Ray exports each to the workers only once."""
     import ray
 
+    return ray.remote(function)
+
+
+def _submit(trial: Trial, payload: dict[str, Any], board: Any) -> Any:
     need = trial.resources
     if need.workers == 1:
-        task = ray.remote(_single_worker_trial).options(
+        task = _remote(_single_worker_trial).options(
             num_cpus=need.cpus_per_worker,
             num_gpus=need.gpus_per_worker,
             max_retries=TASK_MAX_RETRIES,
             name=f"trial-{trial.trial_id}",
         )
     else:
-        task = ray.remote(_multi_worker_trial).options(
+        task = _remote(_multi_worker_trial).options(
             num_cpus=0, max_retries=TASK_MAX_RETRIES, name=f"trial-{trial.trial_id}"
         )
     return task.remote(payload, board)

@@ -119,18 +119,18 @@ def expand(spec: StudySpec, workload: Workload, default: Resources | None = None
         )
     default = default or Resources(**spec.resources.model_dump())
     has_seed_param = "seed" in workload.params_model.model_fields
+    check = getattr(workload, "check", None)
 
     trials: dict[str, Trial] = {}
     for raw, notes in _cells(spec):
         if spec.isoflop is not None and "flop_budget" in notes:
             budget = notes["flop_budget"]
             raw = _size_for_budget(workload, raw, spec.isoflop.tokens_param, budget)
-        for seed in spec.seed_list:
+        for index, seed in enumerate(spec.seed_list):
             seeded = {**raw, "seed": seed} if has_seed_param else raw
             params = _validate(workload, seeded)
-            check = getattr(workload, "check", None)
-            if check is not None:
-                check(params)
+            if index == 0 and check is not None:
+                check(params)  # inputs such as a corpus do not depend on the seed
             values = params.model_dump(mode="json")
             tid = trial_id(workload.name, workload.version, values, seed)
             trials.setdefault(

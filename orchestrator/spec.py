@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import resources as importlib_resources
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -198,8 +199,6 @@ def resolve_deepspeed_config(name_or_path: str, spec_dir: Path | None = None) ->
 
 
 def _deepspeed_dirs() -> list[Path]:
-    import os
-
     dirs = []
     if os.environ.get("FRONTIER_DEEPSPEED_DIR"):
         dirs.append(Path(os.environ["FRONTIER_DEEPSPEED_DIR"]))

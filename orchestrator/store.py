@@ -167,7 +167,9 @@ class ResultsStore:
             )
         )
 
-    def _read_folder(self, study: str | None, folder: str) -> pa.Table | None:
+    def _read_folder(
+        self, study: str | None, folder: str, columns: list[str] | None = None
+    ) -> pa.Table | None:
         tables = []
         for name in [study] if study else self.studies():
             path = self._path(name, folder)
@@ -176,7 +178,8 @@ class ResultsStore:
             files = self.fs.get_file_info(pafs.FileSelector(path))
             for info in sorted(files, key=lambda i: i.path):
                 if info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
-                    tables.append(pq.read_table(info.path, filesystem=self.fs))
+                    table = pq.read_table(info.path, columns=columns, filesystem=self.fs)
+                    tables.append(table)
         if not tables:
             return None
         return pa.concat_tables(tables, promote_options="permissive")
@@ -192,7 +195,10 @@ class ResultsStore:
 
     def statuses(self, study: str) -> dict[str, str]:
         """trial_id -> recorded status for one study."""
-        table = self.read_trials(study)
+        # Only the two columns: this runs before every study, over every recorded trial.
+        table = self._read_folder(study, "trials", columns=["trial_id", "status"])
+        if table is None:
+            return {}
         return dict(zip(table["trial_id"].to_pylist(), table["status"].to_pylist(), strict=True))
 
 
